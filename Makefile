@@ -11,7 +11,9 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint clean
+SWEEP  := $(PY) -m mergepress.sweep --model smollm2-135m --length 2048 --n 20 --seed 42
+
+.PHONY: setup demo test lint reproduce clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +25,17 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# A small sweep (2 tasks x 2 samples, 1024 tokens, 5 configurations): a few minutes on 2 cores.
 demo: setup
-	$(PY) -m mergepress.demo
+	$(PY) -m mergepress.sweep --length 1024 --n 2 --tasks niah_single_1,niah_single_2 \
+		--presses no_press,knorm,merging_knorm --ratios 0.25,0.5 --out data/demo/demo-1024.csv
+
+# The full sweeps behind results/ (hours on a laptop CPU; resumable: rerun to continue).
+reproduce: setup
+	$(SWEEP) --presses no_press,knorm,merging_knorm,upstream_merging_knorm --out results/ruler-2048/knorm.csv
+	$(SWEEP) --presses adakv_snapkv,merging_adakv_snapkv --out results/ruler-2048/adakv.csv
+	$(SWEEP) --presses expected_attention,merging_expected_attention,adakv_expected_attention \
+		--out results/ruler-2048/expected_attention.csv
 
 test: setup
 	$(PY) -m pytest -q tests
