@@ -1,14 +1,29 @@
-"""Both kernels against a slow, obviously-correct loop over (batch, head, token)."""
+"""Both kernels against a slow, obviously-correct loop over (batch, head, token).
+
+The kernels run on ``MERGEPRESS_TEST_DEVICE`` (default ``cpu``; e.g. ``cuda`` on a GPU machine,
+see ``benchmarks/gpu_check.sh``); the references always run on the CPU.
+"""
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
 
+from mergepress import kernels
 from mergepress.kernels import MergeConfig, merge_adaptive, merge_uniform, nearest_survivor
 
 EPS = 1e-6
+DEVICE = torch.device(os.environ.get("MERGEPRESS_TEST_DEVICE", "cpu"))
+
+
+def on_device(*tensors):
+    return tuple(t.to(DEVICE) for t in tensors)
+
+
+def on_cpu(*tensors):
+    return tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def reference_head(keys, values, sources, survivors, cfg):
@@ -92,7 +107,7 @@ def test_uniform_matches_loop(cfg_id, seed):
     keys, values = random_cache(B, H, L, D, seed)
     n_kept = [1, 7, 12][seed % 3 + (cfg_id % 2)]
     kept = torch.rand(B, H, L, generator=torch.Generator().manual_seed(seed)).topk(n_kept, -1).indices
-    mk, mv, _ = merge_uniform(keys, values, kept, cfg)
+    mk, mv, _ = on_cpu(*merge_uniform(*on_device(keys, values, kept), cfg))
     for b, h in itertools.product(range(B), range(H)):
         survivors = kept[b, h].tolist()
         sources = sorted(set(range(L)) - set(survivors))
@@ -111,7 +126,7 @@ def test_adaptive_matches_loop(cfg_id):
     # Different eviction counts per head, including a head with none and one with all but one.
     evicted = torch.rand(B, H, L, generator=g) < torch.tensor([0.0, 0.3, 0.7, 1.0]).view(1, H, 1)
     evicted[:, 3, 5] = False
-    ak, av, _ = merge_adaptive(keys, values, evicted, cfg)
+    ak, av, _ = on_cpu(*merge_adaptive(*on_device(keys, values, evicted), cfg))
     assert torch.equal(av[evicted], values[evicted]), "evicted positions must stay unchanged"
     assert torch.equal(ak[evicted], keys[evicted])
     for b, h in itertools.product(range(B), range(H)):
@@ -167,18 +182,114 @@ def test_ties_go_to_the_first_survivor_and_the_earliest_source():
     assert stats.gated_cap.item() == 2 and stats.merged.item() == 1
 
 
-@pytest.mark.parametrize("block_bytes", [4, 64, 1000, 2**30])
-def test_blocked_search_equals_unblocked(block_bytes):
+BLOCKS = [4, 64, 1000, 4 * 64 * 128, 2**30]  # 1 x 1 tiles ... tiles over survivors ... one block
+
+
+@pytest.mark.parametrize("block_bytes", BLOCKS)
+@pytest.mark.parametrize("mask", ["none", "prefix", "scattered", "all_invalid"])
+def test_blocked_search_equals_unblocked(block_bytes, mask):
     keys, _ = random_cache(2, 3, 50, 8, 7)
-    src, dst = keys[:, :, :20], keys[:, :, 20:]
+    src, dst = keys[:, :, :20], keys[:, :, 20:].clone()
     dst[:, :, 5] = dst[:, :, 2]  # exact ties
-    valid = torch.rand(2, 3, 30) > 0.2
+    valid = {
+        "none": None,
+        "prefix": torch.arange(30) < torch.tensor([[0, 7, 30], [1, 29, 12]]).unsqueeze(-1),
+        "scattered": torch.rand(2, 3, 30, generator=torch.Generator().manual_seed(7)) > 0.2,
+        "all_invalid": torch.zeros(2, 3, 30, dtype=torch.bool),  # every gate closed: no survivor anywhere
+    }[mask]
     s0, i0 = nearest_survivor(src, dst, valid, block_bytes=2**40)
-    s1, i1 = nearest_survivor(src, dst, valid, block_bytes=block_bytes)
+    s1, i1 = on_cpu(*nearest_survivor(*on_device(src, dst), None if valid is None else valid.to(DEVICE), block_bytes))
     # Same survivors; similarities equal up to the BLAS kernel's rounding for that block shape.
     assert torch.equal(i0, i1)
     torch.testing.assert_close(s0, s1, rtol=0, atol=1e-6)
-    assert bool(valid.gather(2, i1).all()), "an invalid survivor was chosen"
+    if valid is not None:
+        has_survivor = valid.any(-1, keepdim=True).expand_as(i1)
+        assert bool(valid.gather(2, i1)[has_survivor].all()), "an invalid survivor was chosen"
+        assert bool((s1[~has_survivor] == float("-inf")).all()) and bool((i1[~has_survivor] == 0).all())
+
+
+def exact_unit_keys(B, H, N, D, seed):
+    """Keys with four entries of ±1 (norm exactly 2): every cosine is an exact multiple of 1/4 in any
+    summation order, so exact ties are everywhere and no block shape can round them apart."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.zeros(B, H, N, D)
+    pos = torch.rand(B, H, N, D, generator=g).argsort(-1)[..., :4]
+    keys.scatter_(-1, pos, torch.randint(0, 2, (B, H, N, 4), generator=g).float() * 2 - 1)
+    return keys
+
+
+@pytest.mark.parametrize("block_bytes", [*BLOCKS, 4 * 40 * 128, 4 * 40 * 256])  # the last: chunked argmax
+def test_blocked_search_breaks_exact_ties_like_torch_max(block_bytes):
+    keys = exact_unit_keys(1, 2, 296, 8, 17)
+    src, dst = keys[:, :, :40], keys[:, :, 40:]
+    s, i = on_cpu(*nearest_survivor(*on_device(src, dst), block_bytes=block_bytes))
+    sim = (src / 2) @ (dst / 2).transpose(-1, -2)  # exact
+    ref = sim.max(-1)  # first maximal index
+    assert bool((sim == ref.values.unsqueeze(-1)).sum(-1).gt(1).any()), "the test needs ties"
+    assert torch.equal(i, ref.indices) and torch.equal(s, ref.values)
+
+
+@pytest.mark.parametrize("shape", [(7, 256), (64, 512), (33, 1024), (5, 4096)])
+def test_row_max_equals_torch_max(shape):
+    """The chunked CPU argmax: ties within a chunk, across chunks, whole rows of -inf or equal."""
+    g = torch.Generator().manual_seed(shape[1])
+    block = torch.randn(shape, generator=g)
+    r, c = shape
+    s = kernels._ARGMAX_CHUNKS  # column j is in strided chunk j % s
+    block[0, 3] = block[0, 3 + s] = 9.0  # a tie within one chunk
+    block[1, c - 1] = block[1, 0] = 9.0  # a tie across chunks, the later chunk holding the earlier column
+    block[2] = float("-inf")
+    block[3] = 0.5
+    block[4, 10] = block[4, 11] = 9.0  # neighbours: different chunks
+    m, i = kernels._row_max(block.to(DEVICE))
+    ref = block.max(-1)
+    assert torch.equal(i.cpu(), ref.indices) and torch.equal(m.cpu(), ref.values)
+    exact = torch.randint(-3, 4, shape, generator=g).float()  # ties everywhere
+    assert torch.equal(kernels._row_max(exact)[1], exact.max(-1).indices)
+
+
+TILED_CONFIGS = [
+    MergeConfig(),
+    MergeConfig(
+        similarity_threshold=0.2, merge_fraction=0.7, merge_error_gate=2.0, max_merge_per_token=2, merge_keys=True
+    ),
+    MergeConfig(similarity_threshold=1.0),  # every gate closed
+]
+
+
+def assert_same_merge(a, b):
+    """Two kernel outputs ``(keys, values, stats)`` from the same routing (up to last-bit rounding)."""
+    torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=1e-6)
+    for name, x in vars(a[2]).items():
+        torch.testing.assert_close(x, getattr(b[2], name), rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("block_bytes", [1000, 4 * 64 * 256, 4 * 200 * 512])
+@pytest.mark.parametrize("cfg_id", range(len(TILED_CONFIGS)))
+def test_kernels_with_small_blocks_equal_one_block(block_bytes, cfg_id):
+    """Tiles over sources and survivors (250 x 1, 64 x 256, 200 x 512) give the one-block result."""
+    cfg = TILED_CONFIGS[cfg_id]
+    B, H, L, D = 1, 3, 700, 16
+    keys, values = random_cache(B, H, L, D, 20 + cfg_id)
+    kept = torch.rand(B, H, L, generator=torch.Generator().manual_seed(cfg_id)).topk(512, -1).indices
+    ref = merge_uniform(keys, values, kept, cfg, with_stats=True, block_bytes=2**40)
+    out = on_cpu(*merge_uniform(*on_device(keys, values, kept), cfg, with_stats=True, block_bytes=block_bytes))
+    out = (*out[:2], type(out[2])(**{k: v.cpu() for k, v in vars(out[2]).items()}))
+    assert_same_merge(out, ref)
+
+    # Adaptive: unequal budgets per head, one head with nothing to evict, one with a single survivor.
+    evicted = torch.rand(B, H, L, generator=torch.Generator().manual_seed(9)) < torch.tensor([0.0, 0.4, 0.9]).view(
+        1, H, 1
+    )
+    evicted[0, 2] = True
+    evicted[0, 2, 123] = False
+    ref = merge_adaptive(keys, values, evicted, cfg, with_stats=True, block_bytes=2**40)
+    out = on_cpu(*merge_adaptive(*on_device(keys, values, evicted), cfg, with_stats=True, block_bytes=block_bytes))
+    out = (*out[:2], type(out[2])(**{k: v.cpu() for k, v in vars(out[2]).items()}))
+    assert_same_merge(out, ref)
+    if cfg.similarity_threshold == 1.0:
+        assert torch.equal(out[1], values) and out[2].merged.sum() == 0
 
 
 def test_all_gates_closed_is_hard_eviction():
@@ -208,7 +319,7 @@ def test_half_precision_is_finite_and_close_to_fp32(dtype):
     keys, values = keys * 300, values * 300  # large magnitudes: squared norms overflow fp16
     kept = torch.randn(1, 2, 64).topk(16, -1).indices
     cfg = MergeConfig(merge_keys=True)
-    hk, hv, _ = merge_uniform(keys.to(dtype), values.to(dtype), kept, cfg)
+    hk, hv, _ = on_cpu(*merge_uniform(*on_device(keys.to(dtype), values.to(dtype), kept), cfg))
     fk, fv, _ = merge_uniform(keys.to(dtype).float(), values.to(dtype).float(), kept, cfg)
     assert hv.dtype == dtype and torch.isfinite(hv).all() and torch.isfinite(hk).all()
     torch.testing.assert_close(hv.float(), fv, rtol=2e-2, atol=2.0)

@@ -34,7 +34,7 @@ def escaped(answer: str) -> str:
 
 def test_engine_matches_the_kvpress_pipeline_for_every_configuration(smollm2, suite, tmp_path):
     model, tokenizer = smollm2
-    configs = [Config(n, -4.0 if uses_threshold(n) else (0.0 if n == "no_press" else 0.5)) for n in registry()]
+    configs = [Config(n, -20.0 if uses_threshold(n) else (0.0 if n == "no_press" else 0.5)) for n in registry()]
     out = run_sweep(model, tokenizer, suite, configs, tmp_path / "eq.csv", SETTINGS, NEW_TOKENS, progress=False)
     rows = read_results(out)
     assert (rows["status"] == "ok").all() and len(rows) == len(configs) * len(suite)

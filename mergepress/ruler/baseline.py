@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from kvpress import KVPressTextGenerationPipeline
+from kvpress import BasePress, KVPressTextGenerationPipeline
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -29,14 +29,14 @@ from mergepress.models import load_model
 from mergepress.ruler.generator import generate_suite, length_table
 from mergepress.ruler.jsonl import load_jsonl
 from mergepress.ruler.scoring import score
-from mergepress.ruler.tasks import ALL_TASKS, OFFLINE_TASKS, QA_TASKS
+from mergepress.ruler.tasks import OFFLINE_TASKS, QA_TASKS
 
 
 def predict(
     df: pd.DataFrame,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    press: object | None = None,
+    press: BasePress | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Answers of ``model`` to every row of a RULER frame, with ``press`` (None: no compression)."""
@@ -58,7 +58,7 @@ def results_table(df: pd.DataFrame, scores: dict[str, float | str]) -> pd.DataFr
     """One row per task (qa tasks that were not run keep their reason as score) and the mean."""
     counts = df["task"].value_counts()
     rows = []
-    for task in [t for t in ALL_TASKS if t in scores] + [t for t in scores if t not in ALL_TASKS + ("mean",)]:
+    for task in [t for t in scores if t != "mean"]:  # score() lists tasks in benchmark order
         metric = "string_match_part" if task in QA_TASKS else "string_match_all"
         rows.append((task, metric, int(counts.get(task, 0)), scores[task]))
     run = sum(isinstance(v, float) for k, v in scores.items() if k != "mean")
@@ -66,12 +66,19 @@ def results_table(df: pd.DataFrame, scores: dict[str, float | str]) -> pd.DataFr
     return pd.DataFrame(rows, columns=["task", "metric", "n", "score"])
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+    ).stdout.strip()
+
+
 def _git_commit() -> str:
     try:
-        cmd = ["git", "rev-parse", "HEAD"]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--", str(Path(__file__).parents[1]))
     except (OSError, subprocess.CalledProcessError):
         return "none (not a git checkout, or no commit yet)"
+    return commit + (" (with uncommitted changes under mergepress/)" if dirty else "")
 
 
 def _sidecar(table: pd.DataFrame, df: pd.DataFrame, command: str, minutes: float, note: str) -> str:

@@ -16,6 +16,7 @@ import string
 import uuid
 from dataclasses import dataclass
 from math import pi
+from typing import Protocol
 
 from mergepress.ruler import sources
 from mergepress.ruler.qa import QAItem, QASource
@@ -56,6 +57,24 @@ class Prompt:
     question: str
     answer_prefix: str
     answer: list[str]
+
+
+class SampleBuilder(Protocol):
+    """What the length fitter needs from a sample: its range of haystack units and a renderer."""
+
+    @property
+    def min_units(self) -> int:
+        """Fewest haystack units the task allows."""
+        ...
+
+    @property
+    def max_units(self) -> int:
+        """Most haystack units the source can provide."""
+        ...
+
+    def render(self, n: int) -> Prompt:
+        """The sample with ``n`` haystack units."""
+        ...
 
 
 def _insert_at_fractions(lines: list[str], items: list[str], fractions: list[float]) -> list[str]:
@@ -128,8 +147,10 @@ class NiahSample:
     def _distractor_lines(self, n: int) -> list[str]:
         spec = self.spec
         while len(self._distractors) < n:
-            key = _fresh_item(self._distractor_rng, spec.key_type, set(self._taken))
-            value = _random_item(self._distractor_rng, spec.value_type)
+            # Never the real keys or values (a copy of taken: distractors may repeat each other).
+            taken = set(self._taken)
+            key = _fresh_item(self._distractor_rng, spec.key_type, taken)
+            value = _fresh_item(self._distractor_rng, spec.value_type, taken)
             self._distractors.append(NEEDLE.format(type_v=spec.value_type, key=key, value=value))
         return self._distractors[:n]
 

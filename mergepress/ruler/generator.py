@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mergepress.ruler import sources
-from mergepress.ruler.builders import CweSample, FweSample, NiahSample, QaSample, VtSample
+from mergepress.ruler.builders import CweSample, FweSample, NiahSample, QaSample, SampleBuilder, VtSample
 from mergepress.ruler.fitting import ContextTooShort, PromptCounter, fit_units
 from mergepress.ruler.qa import QA_FILES, load_qa
 from mergepress.ruler.tasks import ALL_TASKS, NOT_RUN, TASKS, TaskSpec, get_task
@@ -42,13 +42,14 @@ def tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
     return Path(name).name if Path(name).is_dir() else name
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+def _check_int(name: str, value: object, minimum: int | None = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        raise ValueError(f"{name} must be an integer{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
 
 
-def _builders(spec: TaskSpec, n_samples: int, target: int, seed: int, qa_data: str | Path | None) -> Iterator:
+def _builders(
+    spec: TaskSpec, n_samples: int, target: int, seed: int, qa_data: str | Path | None
+) -> Iterator[SampleBuilder]:
     """One builder per sample, each with its own random stream derived from (seed, task, index)."""
     if spec.family == "qa":
         if qa_data is None:
@@ -83,8 +84,9 @@ def _rows(
 ) -> Iterator[dict]:
     """Validate the arguments, then yield one row per sample (lazily, for progress bars)."""
     spec = get_task(task)
-    _check_count("n_samples", n_samples)
-    _check_count("context_length", context_length)
+    _check_int("n_samples", n_samples)
+    _check_int("context_length", context_length)
+    _check_int("seed", seed, minimum=None)
     counter = PromptCounter(tokenizer)
     hint = None
     for index, builder in enumerate(_builders(spec, n_samples, context_length, seed, qa_data)):
@@ -196,7 +198,7 @@ def generate_suite(
     tasks = list(dict.fromkeys(tasks))
     for task in tasks:
         get_task(task)  # fail on a typo before spending minutes on the other tasks
-    _check_count("n_samples", n_samples)
+    _check_int("n_samples", n_samples)
     not_run = {t: NOT_RUN for t in tasks if TASKS[t].family == "qa" and qa_data is None}
     run = [t for t in tasks if t not in not_run]
     rows: list[dict] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 # Sentence ends: ., ! or ? (optionally closed by a quote or bracket) followed by a space.
 # A regex instead of nltk's punkt keeps the dependency list short; it splits a few
 # abbreviations too eagerly, which only adds harmless insertion points for needles.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+")
 
 
 def _package_files(dist_name: str, folder: str, suffix: str) -> list[Path]:
