@@ -11,7 +11,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-SWEEP  := $(PY) -m mergepress.sweep --model smollm2-135m --length 2048 --n 20 --seed 42
+SUITE  := data/ruler-2048.jsonl
+SWEEP  := $(PY) -m mergepress.sweep --model smollm2-135m --length 2048 --n 20 --seed 42 --data $(SUITE)
 
 .PHONY: setup demo test lint reproduce clean
 
@@ -31,8 +32,18 @@ demo: setup
 		--presses no_press,knorm,merging_knorm --ratios 0.25,0.5 --out data/demo/demo-1024.csv
 
 # The full sweeps behind results/ (hours on a laptop CPU; resumable: rerun to continue).
+# The suite is generated once and read by every sweep, so all of them score the same samples.
+SELECTIVE := '{"merge_fraction": 0.75, "similarity_threshold": 0.5}'
 reproduce: setup
+	test -f $(SUITE) || $(PY) -m mergepress.ruler --model smollm2-135m --length 2048 --n 20 --seed 42 --out $(SUITE)
+	$(PY) -m mergepress.ruler.baseline --model smollm2-135m --length 2048 --n 20 --seed 42 --data $(SUITE) \
+		--out results/ruler_baseline_2048.csv
 	$(SWEEP) --presses no_press,knorm,merging_knorm,upstream_merging_knorm --out results/ruler-2048/knorm.csv
+	$(SWEEP) --presses no_press,kvzap_mlp,merging_kvzap_mlp --ratios 0.5,0.75,0.875 --out results/ruler-2048/kvzap.csv
+	$(SWEEP) --presses merging_kvzap_mlp --ratios 0.5,0.75,0.875 --merge $(SELECTIVE) --out results/ruler-2048/kvzap.csv
+	$(SWEEP) --presses dms_kvzap_mlp,merging_dms_kvzap_mlp --thresholds=-4,-3,-2.441 --out results/ruler-2048/dms.csv
+	$(SWEEP) --presses merging_dms_kvzap_mlp --thresholds=-4,-3,-2.441 --merge '{"merge_fraction": 0.75}' \
+		--out results/ruler-2048/dms.csv
 	$(SWEEP) --presses adakv_snapkv,merging_adakv_snapkv --out results/ruler-2048/adakv.csv
 	$(SWEEP) --presses expected_attention,merging_expected_attention,adakv_expected_attention \
 		--out results/ruler-2048/expected_attention.csv

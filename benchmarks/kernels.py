@@ -31,6 +31,7 @@ Reproduce: ``nice python benchmarks/kernels.py`` (about 20 CPU-minutes), ``--qui
 from __future__ import annotations
 
 import argparse
+import csv
 import ctypes
 import gc
 import itertools
@@ -41,12 +42,14 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-import pandas as pd
 import torch
-from kvpress import KnormPress, MergingPress
 
 from mergepress.kernels import MergeConfig, merge_adaptive, merge_uniform
+
+try:
+    from kvpress import KnormPress, MergingPress
+except ImportError:  # a bare machine (e.g. a GPU box with torch only): no upstream baseline
+    MergingPress = None
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("upstream", "uniform", "adaptive", "loop")
@@ -165,45 +168,56 @@ def repetitions(L: int) -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    df = pd.DataFrame(rows)
-    print("\ntime (s, fastest repetition; '-' = skipped) and peak extra memory (MB)")
+    """One line per (L, ratio): times, the three ratios, peak extra memory (``~`` = estimate, skipped)."""
+
+    def fmt(x: float, width: int = 9, digits: int = 3) -> str:
+        return f"{'-':>{width}}" if math.isnan(x) else f"{x:>{width}.{digits}f}"
+
+    print("\ntime (s, fastest repetition; '-' = skipped) and peak extra memory (MB; '~' = estimate, not run)")
+    print("ratios are time ratios: ours/up = uniform/upstream, adap/uni = adaptive/uniform, loop/adap = loop/adaptive")
     header = f"{'L':>6} {'CR':>5} | " + " ".join(f"{m:>9}" for m in METHODS)
-    header += " | ours/up adap/uni loop/adap | " + " ".join(f"{m[:4] + '_MB':>9}" for m in METHODS)
-    print(header)
-    for (L, cr), g in df.groupby(["L", "ratio"], sort=True):
-        by = {r["method"]: r for _, r in g.iterrows()}
-        t = {m: by[m]["time_s"] if m in by and by[m]["status"] == "ok" else math.nan for m in METHODS}
-        mem = {m: by[m]["peak_extra_mb"] if m in by else math.nan for m in METHODS}
-
-        def fmt(x, w=9, p=3):
-            return f"{'-':>{w}}" if math.isnan(x) else f"{x:>{w}.{p}f}"
-
+    print(header + " | ours/up adap/uni loop/adap | " + " ".join(f"{m[:4] + '_MB':>9}" for m in METHODS))
+    cases = sorted({(r["L"], r["ratio"]) for r in rows})
+    for L, cr in cases:
+        by = {r["method"]: r for r in rows if (r["L"], r["ratio"]) == (L, cr)}
+        t = {m: by[m]["time_s"] if m in by else math.nan for m in METHODS}
+        mem = []
+        for m in METHODS:
+            if m in by and by[m]["status"] != "ok":
+                mem.append(f"{'~' + str(round(by[m]['est_mb'])):>9}")
+            else:
+                mem.append(fmt(by[m]["peak_extra_mb"] if m in by else math.nan, 9, 0))
         line = f"{L:>6} {cr:>5} | " + " ".join(fmt(t[m]) for m in METHODS)
         line += f" | {fmt(t['uniform'] / t['upstream'], 7, 2)} {fmt(t['adaptive'] / t['uniform'], 9, 2)}"
-        line += f" {fmt(t['loop'] / t['adaptive'], 9, 2)} | " + " ".join(fmt(mem[m], 9, 0) for m in METHODS)
-        print(line)
-    skipped = df[df["status"] != "ok"]
-    for _, r in skipped.iterrows():
-        print(f"  L={r['L']} CR={r['ratio']} {r['method']}: {r['status']}")
+        print(line + f" {fmt(t['loop'] / t['adaptive'], 9, 2)} | " + " ".join(mem))
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"  L={r['L']} CR={r['ratio']} {r['method']}: {r['status']}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Time and peak extra memory against L, log-log; skipped runs' memory estimates hollow."""
+    try:
+        import matplotlib
 
-    df = pd.DataFrame(rows)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure")
+        return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = dict(zip(METHODS, ["tab:red", "tab:blue", "tab:green", "tab:gray"]))
-    for (method, cr), g in df.groupby(["method", "ratio"]):
-        g = g.sort_values("L")
-        ok = g[g["status"] == "ok"]
-        style = "-" if cr == 0.5 else "--"
-        label = f"{method} CR {cr}"
-        axes[0].plot(ok["L"], ok["time_s"], style, marker="o", color=colors[method], label=label)
-        axes[1].plot(ok["L"], ok["peak_extra_mb"] / 1024, style, marker="o", color=colors[method], label=label)
-        est = g[g["status"] != "ok"]
-        if len(est):  # skipped: the estimate, hollow
-            axes[1].plot(est["L"], est["est_mb"] / 1024, "o", mfc="none", color=colors[method])
+    for method, cr in sorted({(r["method"], r["ratio"]) for r in rows}):
+        g = sorted((r for r in rows if (r["method"], r["ratio"]) == (method, cr)), key=lambda r: r["L"])
+        ok = [r for r in g if r["status"] == "ok"]
+        style, label = ("-" if cr == 0.5 else "--"), f"{method} CR {cr}"
+        axes[0].plot(
+            [r["L"] for r in ok], [r["time_s"] for r in ok], style, marker="o", color=colors[method], label=label
+        )
+        mem = [r["peak_extra_mb"] / 1024 for r in ok]
+        axes[1].plot([r["L"] for r in ok], mem, style, marker="o", color=colors[method], label=label)
+        est = [r for r in g if r["status"].startswith("skipped: needs")]
+        axes[1].plot([r["L"] for r in est], [r["est_mb"] / 1024 for r in est], "o", mfc="none", color=colors[method])
     for ax, ylabel in zip(axes, ["time (s)", "peak extra memory (GB)"]):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -212,7 +226,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[1].axhline(1.0, color="black", lw=0.8, ls=":")
     axes[0].legend(fontsize=7, ncol=2)
-    axes[1].set_title("hollow: estimate of a skipped run", fontsize=9)
+    axes[1].set_title("hollow: estimate for a run skipped (memory)", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +247,9 @@ def run_case(L: int, ratio: float, args, device: torch.device, dtype: torch.dtyp
             best[method] = dict(
                 status=f"skipped: needs ~{est / 2**30:.1f} GB, {free / 2**30:.1f} GB available", est=est
             )
+            continue
+        if method == "upstream" and MergingPress is None:
+            best[method] = dict(status="skipped: kvpress is not installed", est=est)
             continue
         if method == "loop" and L > args.loop_max_len:
             best[method] = dict(status=f"skipped: L > --loop-max-len {args.loop_max_len} (time budget)", est=est)
@@ -308,11 +325,14 @@ def main() -> None:
     rows = []
     for L, ratio in itertools.product(lengths, args.ratios):
         rows += run_case(L, ratio, args, device, dtype)
-    csv = ROOT / "results" / "benchmarks" / f"kernels_{tag}.csv"
-    csv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(csv, index=False)
+    path = ROOT / "results" / "benchmarks" / f"kernels_{tag}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     print_table(rows)
-    print(f"wrote {csv.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT)}")
     title = f"merge kernels, H={args.heads}, D={args.head_dim}, {args.dtype} on {device}, {args.threads} thread(s)"
     plot(rows, ROOT / "figures" / f"kernel_benchmark_{tag}.png", title)
 

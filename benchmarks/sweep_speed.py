@@ -12,8 +12,12 @@ checks that both produced the same answers.
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
+from pathlib import Path
 
+import pandas as pd
 import torch
 from kvpress import KVPressTextGenerationPipeline
 
@@ -57,15 +61,17 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--tasks", default="niah_single_1,niah_multikey_1,vt")
     parser.add_argument("--n", type=int, default=1, help="samples per task")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (no more than free cores)")
+    parser.add_argument("--out", default="results/benchmarks/sweep_speed.csv", help="per-sample timings (CSV)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_model("smollm2-135m")
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
     suite = generate_suite(
         tasks=args.tasks.split(","), n_samples=args.n, context_length=args.length, tokenizer=tokenizer
     )
-    print(f"{len(suite)} samples x {len(CONFIGS)} configurations at {args.length} tokens")
-    totals = {"engine": 0.0, "pipeline": 0.0}
+    print(f"{len(suite)} samples x {len(CONFIGS)} configurations at {args.length} tokens, {args.threads} threads")
+    rows = []
     with torch.no_grad():
         for sample in suite.itertuples():
             timings, answers = {}, {}
@@ -73,16 +79,23 @@ def main() -> None:
                 start = time.perf_counter()
                 answers[name] = fn(pipe, sample)
                 timings[name] = time.perf_counter() - start
-                totals[name] += timings[name]
             same = answers["engine"] == answers["pipeline"]
+            rows.append({"task": sample.task, "index": sample.index, **timings, "same_answers": same})
             print(
                 f"{sample.task:16s} engine {timings['engine']:6.1f}s  pipeline {timings['pipeline']:6.1f}s  "
                 f"speed-up {timings['pipeline'] / timings['engine']:4.1f}x  same answers: {same}"
             )
-    print(
-        f"total: engine {totals['engine']:.1f}s, pipeline {totals['pipeline']:.1f}s, "
-        f"speed-up {totals['pipeline'] / totals['engine']:.2f}x"
-    )
+    df = pd.DataFrame(rows)
+    df["speed_up"] = df["pipeline"] / df["engine"]
+    total = df["pipeline"].sum() / df["engine"].sum()
+    print(f"total: engine {df['engine'].sum():.1f}s, pipeline {df['pipeline'].sum():.1f}s, speed-up {total:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        f.write(f"# python {' '.join(shlex.quote(a) for a in sys.argv)}\n")
+        f.write(f"# total speed-up (pipeline / engine): {total:.3f}\n")
+        df.to_csv(f, index=False)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,13 @@ input dtype. Gates, applied in this order, turn a merge into a plain eviction:
 4. ``max_merge_per_token``: each survivor absorbs at most k sources, the most similar ones,
    ties to the earlier source position (0 = unlimited).
 
-The nearest-survivor search runs in blocks so its extra memory stays under
-``block_bytes`` whatever the context length; ties go to the first survivor in the
-destination order.
+The nearest-survivor search runs in tiles (sources x survivors, one head at a time) so the
+similarity held at once stays under ``block_bytes`` whatever the context length (on CPU the
+tile is also kept about cache-sized); ties go to the first survivor in the destination order,
+exactly as one unblocked ``max`` would. Each head searches only its own sources and survivors,
+so unequal per-head budgets cost only their own work. Besides the outputs, the kernels hold one
+float32 copy of the survivors' unit keys and ``(B, H, L)``-sized bookkeeping: sources are read
+from the cache tile by tile, never gathered whole.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 _EPS = 1e-6  # norm floor: zero-norm keys/values get similarity 0 and weight 0, never NaN
-DEFAULT_BLOCK_BYTES = 256 * 2**20  # similarity block budget for the nearest-survivor search
+DEFAULT_BLOCK_BYTES = 256 * 2**20  # similarity tile budget of the search (CPU: see _CPU_TILE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -325,7 +329,8 @@ def _search(
         return sim, idx
     budget = min(block_bytes, _CPU_TILE_BYTES) if src.device.type == "cpu" else block_bytes
 
-    if 4 * BH * e_max * k_max <= budget:  # small problem: one batched block for every head
+    padded, work = BH * e_max * k_max, sum(e * k for e, k in zip(n_src, n_dst))
+    if 4 * padded <= budget and padded <= 1.25 * work:  # small, even problem: one block for all heads
         part = src[:, :e_max] if rows_of is None else _rows(src[None], rows_of[None, :, :e_max])[0]
         block = torch.bmm(_unit(part), unit_t[:, :, :k_max])  # (BH, e, k)
         if bias is not None:
@@ -393,16 +398,22 @@ def _row_max(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return block.max(dim=-1)
     r, c = block.shape
     s = _ARGMAX_CHUNKS
-    if c % s or c < 4 * s:
+    g, tail = divmod(c, s)
+    if g < 4:
         idx = block.argmax(dim=-1)
         return block.gather(1, idx.unsqueeze(1)).squeeze(1), idx
-    g = c // s
-    chunk_max = block.view(r, g, s).amax(1)  # (r, s)
+    chunk_max = block[:, : g * s].view(r, g, s).amax(1)  # (r, s)
     j = chunk_max.argmax(dim=-1)  # first chunk holding the max
     m = chunk_max.gather(1, j.unsqueeze(1)).squeeze(1)
-    offsets = torch.arange(0, c, s, device=block.device)  # (g,) columns of chunk 0
+    offsets = torch.arange(0, g * s, s, device=block.device)  # (g,) columns of chunk 0
     idx = j + s * block.gather(1, j.unsqueeze(1) + offsets).argmax(dim=-1)
     redo = (chunk_max == m.unsqueeze(1)).sum(1) != 1
+    if tail:  # the last c % s columns win only when strictly larger (or NaN, which max propagates)
+        t = block[:, g * s :].argmax(dim=-1)
+        tm = block[:, g * s :].gather(1, t.unsqueeze(1)).squeeze(1)
+        better = (tm > m) | (tm.isnan() & ~m.isnan())
+        m, idx = torch.where(better, tm, m), torch.where(better, t + g * s, idx)
+        redo &= ~better
     if bool(redo.any()):
         rows = redo.nonzero().squeeze(1)
         idx[rows] = block[rows].argmax(dim=-1)
@@ -553,7 +564,9 @@ def _blend(
     for e0 in range(0, E, step):
         e1 = min(E, e0 + step)
         part = src[:, :, e0:e1] if src_index is None else _rows(src, src_index[:, :, e0:e1])
-        rows.index_add_(0, target[:, :, e0:e1].flatten(), (w[:, :, e0:e1].unsqueeze(-1) * part).view(-1, D))
+        # cast: a float64 cache would otherwise promote the product past the float32 accumulator
+        weighted = w[:, :, e0:e1].unsqueeze(-1) * part.to(rows.dtype)
+        rows.index_add_(0, target[:, :, e0:e1].flatten(), weighted.view(-1, D))
     weight_sum = torch.zeros(B * H * M, dtype=torch.float32, device=acc.device).index_add_(
         0, target.flatten(), w.flatten()
     )

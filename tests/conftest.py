@@ -8,7 +8,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(2)
+# Two threads (the CI machine's cores) unless OMP_NUM_THREADS says otherwise: more threads than free
+# cores makes every parallel region wait for a descheduled thread, 10-20x slower.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")

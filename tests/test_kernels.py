@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mergepress import kernels
-from mergepress.kernels import MergeConfig, merge_adaptive, merge_uniform, nearest_survivor
+from mergepress.kernels import MergeConfig, merge_adaptive, merge_into, merge_uniform, nearest_survivor
 
 EPS = 1e-6
 DEVICE = torch.device(os.environ.get("MERGEPRESS_TEST_DEVICE", "cpu"))
@@ -138,6 +138,33 @@ def test_adaptive_matches_loop(cfg_id):
             torch.testing.assert_close(ak[b, h, j].double(), ref[j][0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_bytes", [64, 2**30])
+def test_merge_into_with_scattered_masks_matches_loop(block_bytes):
+    """Validity masks that are not a prefix per head (the kernels only pass prefixes)."""
+    cfg = MergeConfig(max_merge_per_token=2, merge_keys=True, merge_fraction=0.8)
+    B, H, E, K, D = 1, 3, 17, 11, 8
+    keys, values = random_cache(B, H, E + K, D, 30)
+    g = torch.Generator().manual_seed(30)
+    src_valid, dst_valid = torch.rand(B, H, E, generator=g) > 0.3, torch.rand(B, H, K, generator=g) > 0.4
+    dst_valid[0, 2] = False  # a head with no survivor
+    mk, mv, _ = on_cpu(
+        *merge_into(
+            *on_device(keys[:, :, :E], values[:, :, :E], keys[:, :, E:], values[:, :, E:]),
+            cfg,
+            *on_device(src_valid, dst_valid),
+            block_bytes=block_bytes,
+        )
+    )
+    for h in range(H):
+        sources = src_valid[0, h].nonzero().flatten().tolist()
+        survivors = (E + dst_valid[0, h].nonzero().flatten()).tolist()
+        ref = reference_head(keys[0, h], values[0, h], sources, survivors, cfg)
+        for j in range(K):
+            want = ref[E + j] if E + j in ref else (keys[0, h, E + j].double(), values[0, h, E + j].double())
+            torch.testing.assert_close(mv[0, h, j].double(), want[1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mk[0, h, j].double(), want[0], atol=1e-5, rtol=1e-5)
+
+
 def test_adaptive_with_separate_survivors_matches_loop():
     """DMS passes old masked tokens as neither sources nor survivors."""
     cfg = MergeConfig(max_merge_per_token=2)
@@ -229,9 +256,10 @@ def test_blocked_search_breaks_exact_ties_like_torch_max(block_bytes):
     assert torch.equal(i, ref.indices) and torch.equal(s, ref.values)
 
 
-@pytest.mark.parametrize("shape", [(7, 256), (64, 512), (33, 1024), (5, 4096)])
+@pytest.mark.parametrize("shape", [(8, 256), (64, 512), (33, 1000), (9, 4096), (8, 300)])
 def test_row_max_equals_torch_max(shape):
-    """The chunked CPU argmax: ties within a chunk, across chunks, whole rows of -inf or equal."""
+    """The chunked CPU argmax: ties within a chunk, across chunks, in the tail columns past the
+    last whole chunk, whole rows of -inf or equal, NaN."""
     g = torch.Generator().manual_seed(shape[1])
     block = torch.randn(shape, generator=g)
     r, c = shape
@@ -241,9 +269,12 @@ def test_row_max_equals_torch_max(shape):
     block[2] = float("-inf")
     block[3] = 0.5
     block[4, 10] = block[4, 11] = 9.0  # neighbours: different chunks
+    block[5, c - 1] = block[5, 1] = 9.0  # the last column: a tail column when c % s != 0
+    block[6, c - 1] = 9.0
+    block[7, [5, c - 1]] = float("nan")
     m, i = kernels._row_max(block.to(DEVICE))
     ref = block.max(-1)
-    assert torch.equal(i.cpu(), ref.indices) and torch.equal(m.cpu(), ref.values)
+    assert torch.equal(i.cpu(), ref.indices) and torch.allclose(m.cpu(), ref.values, rtol=0, atol=0, equal_nan=True)
     exact = torch.randint(-3, 4, shape, generator=g).float()  # ties everywhere
     assert torch.equal(kernels._row_max(exact)[1], exact.max(-1).indices)
 
@@ -323,6 +354,22 @@ def test_half_precision_is_finite_and_close_to_fp32(dtype):
     fk, fv, _ = merge_uniform(keys.to(dtype).float(), values.to(dtype).float(), kept, cfg)
     assert hv.dtype == dtype and torch.isfinite(hv).all() and torch.isfinite(hk).all()
     torch.testing.assert_close(hv.float(), fv, rtol=2e-2, atol=2.0)
+
+
+def test_float64_cache_keeps_its_dtype_and_matches_fp32():
+    # The blend accumulates in float32; a float64 cache used to fail in index_add_.
+    keys, values = random_cache(1, 2, 40, 8, 21)
+    kept = torch.randn(1, 2, 40).topk(10, -1).indices
+    mask = torch.rand(1, 2, 40) > 0.5
+    cfg = MergeConfig(merge_keys=True, similarity_threshold=-1.0)
+    dk, dv, _ = merge_uniform(keys.double(), values.double(), kept, cfg)
+    fk, fv, _ = merge_uniform(keys, values, kept, cfg)
+    assert dv.dtype == torch.float64 and dk.dtype == torch.float64
+    torch.testing.assert_close(dv.float(), fv, rtol=1e-5, atol=1e-5)
+    _, av, _ = merge_adaptive(keys.double(), values.double(), mask, cfg)
+    _, bv, _ = merge_adaptive(keys, values, mask, cfg)
+    assert av.dtype == torch.float64
+    torch.testing.assert_close(av.float(), bv, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_norm_keys_and_values_give_no_nan():

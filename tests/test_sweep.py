@@ -11,7 +11,7 @@ from kvpress import KVPressTextGenerationPipeline
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mergepress.ruler import generate
-from mergepress.sweep import Config, build_press, run_sweep
+from mergepress.sweep import Config, build_press, registry, run_sweep
 from mergepress.sweep import run as run_module
 from mergepress.sweep.__main__ import main as cli
 from mergepress.sweep.engine import check_model
@@ -31,13 +31,17 @@ def escaped(answer: str) -> str:
     return answer.replace("\r", "\\r").replace("\n", "\\n")
 
 
-# Checked against the pipeline so far; the mask-based and DMS configurations are next (issue 7).
-EQUIVALENCE_CHECKED = ["no_press", "knorm", "merging_knorm", "upstream_merging_knorm"]
+# DMS configurations take a score threshold: KVzap's log-scores near the shipped threshold for a
+# 0.5 ratio, Knorm's -||k|| where this short context loses about half its entries.
+DMS_VALUES = {"dms_kvzap_mlp": -4.0, "dms_knorm": -18.5}
 
 
 def test_engine_matches_the_kvpress_pipeline(smollm2, suite, tmp_path):
     model, tokenizer = smollm2
-    configs = [Config(n, 0.0 if n == "no_press" else 0.5) for n in EQUIVALENCE_CHECKED]
+    configs = []
+    for name in registry():
+        base = name.removeprefix("upstream_merging_").removeprefix("merging_")
+        configs.append(Config(name, 0.0 if name == "no_press" else DMS_VALUES.get(base, 0.5)))
     out = run_sweep(model, tokenizer, suite, configs, tmp_path / "eq.csv", SETTINGS, NEW_TOKENS, progress=False)
     rows = read_results(out)
     assert (rows["status"] == "ok").all() and len(rows) == len(configs) * len(suite)
@@ -57,6 +61,8 @@ def test_engine_matches_the_kvpress_pipeline(smollm2, suite, tmp_path):
             assert got == escaped(expected), (config, sample.index)
     knorm = rows[rows["config"] == "knorm"]["compression_ratio"]
     assert knorm.between(0.49, 0.51).all()
+    for name in DMS_VALUES:  # thresholds that really compress, so DMS is not trivially no_press
+        assert rows[rows["config"] == name]["compression_ratio"].between(0.2, 0.8).all(), name
 
 
 def test_resume_skips_finished_pairs_and_repairs_a_killed_file(smollm2, suite, tmp_path):
@@ -96,6 +102,20 @@ def test_out_of_memory_is_recorded_and_the_sweep_continues(smollm2, suite, tmp_p
     rows = read_results(out)
     assert rows["status"].tolist()[0].startswith("failed: OutOfMemoryError: CUDA out of memory")
     assert rows["status"].tolist()[1] == "ok"
+
+
+def test_samples_are_visited_round_robin_over_tasks(smollm2, tmp_path):
+    # A sweep stopped early must cover every task, not finish the first tasks and skip the rest.
+    model, tokenizer = smollm2
+    two = pd.concat([generate(t, 2, 640, tokenizer, seed=3) for t in ("niah_single_1", "vt")], ignore_index=True)
+    out = run_sweep(model, tokenizer, two, [Config("no_press")], tmp_path / "r.csv", SETTINGS, 1, progress=False)
+    rows = read_results(out)
+    assert list(zip(rows["task"], rows["index"])) == [
+        ("niah_single_1", 0),
+        ("vt", 0),
+        ("niah_single_1", 1),
+        ("vt", 1),
+    ]
 
 
 def test_bad_input():

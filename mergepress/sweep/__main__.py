@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--presses", default="knorm,merging_knorm", help=f"comma-separated names from: {registry()}")
     p.add_argument("--ratios", default="0.25,0.5,0.75,0.875", help="compression ratios of ratio-based presses")
-    p.add_argument("--thresholds", default="-20", help="score thresholds of DMS configurations")
+    p.add_argument(
+        "--thresholds", default="-4,-3", help="score thresholds of DMS configurations (dms_knorm: around -20)"
+    )
     p.add_argument(
         "--merge", default="", help="merge parameters for merging_* presses, JSON, e.g. '{\"merge_fraction\": 0.75}'"
     )

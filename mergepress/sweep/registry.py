@@ -13,6 +13,7 @@ from collections.abc import Callable
 from kvpress import AdaKVPress, BasePress, DMSPress, ExpectedAttentionPress, KnormPress, SnapKVPress
 from kvpress import MergingPress as UpstreamMergingPress
 
+from mergepress.kvzap import KVzapPress
 from mergepress.press import MergingPress
 
 # name -> (factory taking the ratio or threshold, kind); kind "threshold" marks DMS configurations
@@ -22,8 +23,12 @@ BASE: dict[str, tuple[Callable[[float], BasePress], str]] = {
     "expected_attention": (lambda r: ExpectedAttentionPress(r, epsilon=1e-2), "scorer"),
     "adakv_snapkv": (lambda r: AdaKVPress(SnapKVPress(r)), "mask"),
     "adakv_expected_attention": (lambda r: AdaKVPress(ExpectedAttentionPress(r, epsilon=1e-2)), "mask"),
-    # KVzap needs surrogate weights trained offline for the embedded model (issue 6); until they
-    # ship, DMS is registered over KnormPress, whose scores are -‖k‖ (thresholds around -20).
+    # KVzap scores are log KVzip+ estimates from the surrogates trained offline for the embedded
+    # model (mergepress/kvzap/weights); any other model needs `python -m mergepress.kvzap train`.
+    "kvzap_mlp": (lambda r: KVzapPress(compression_ratio=r, model_type="mlp"), "scorer"),
+    "kvzap_linear": (lambda r: KVzapPress(compression_ratio=r, model_type="linear"), "scorer"),
+    "dms_kvzap_mlp": (lambda t: DMSPress(KVzapPress(model_type="mlp"), threshold=t), "threshold"),
+    # DMS over KnormPress (scores are -||k||, thresholds around -20): a surrogate-free DMS.
     "dms_knorm": (lambda t: DMSPress(KnormPress(), threshold=t), "threshold"),
 }
 

@@ -66,8 +66,8 @@ def run_sweep(
 ) -> Path:
     """Evaluate every configuration on every sample of ``suite``; append rows to ``out``.
 
-    Pairs already in ``out`` are skipped. With ``world_size > 1`` this process takes samples
-    ``rank::world_size`` and writes a part file; after ``barrier()`` the main process folds the
+    Samples are visited round-robin over tasks; pairs already in ``out`` are skipped. With
+    ``world_size > 1`` this process takes every ``world_size``-th sample and writes a part file; after ``barrier()`` the main process folds the
     parts into ``out``. ``settings`` (model, suite, generation options) guard ``out`` against
     rows from another experiment. ``max_new_tokens`` overrides the suite's per-task budgets.
     """
@@ -81,7 +81,10 @@ def run_sweep(
     part = out if world_size == 1 else out.with_name(f"{out.stem}.part{rank}-of-{world_size}.csv")
     store = ResultStore(part, settings, write_settings=False)
     done = store.done | ResultStore(out, settings, write_settings=False).done if part != out else store.done
-    samples = suite.iloc[rank::world_size]
+    # Round-robin over tasks (sample 0 of every task, then sample 1, ...): a sweep stopped early
+    # still covers every task with about the same number of samples.
+    samples = suite.iloc[suite.groupby("task", sort=False).cumcount().to_numpy().argsort(kind="stable")]
+    samples = samples.iloc[rank::world_size]
     todo = [(s, [c for c in configs if _key(s, c) not in done]) for s in samples.itertuples()]
     todo = [(s, pending) for s, pending in todo if pending]
 
