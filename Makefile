@@ -37,7 +37,7 @@ SELECTIVE := '{"merge_fraction": 0.75, "similarity_threshold": 0.5}'
 reproduce: setup
 	test -f $(SUITE) || $(PY) -m mergepress.ruler --model smollm2-135m --length 2048 --n 20 --seed 42 --out $(SUITE)
 	$(PY) -m mergepress.ruler.baseline --model smollm2-135m --length 2048 --n 20 --seed 42 --data $(SUITE) \
-		--out results/ruler_baseline_2048.csv
+		--out results/ruler_baseline_2048.csv --predictions data/ruler_baseline_2048_predictions.jsonl
 	$(SWEEP) --presses no_press,knorm,merging_knorm,upstream_merging_knorm --out results/ruler-2048/knorm.csv
 	$(SWEEP) --presses no_press,kvzap_mlp,merging_kvzap_mlp --ratios 0.5,0.75,0.875 --out results/ruler-2048/kvzap.csv
 	$(SWEEP) --presses merging_kvzap_mlp --ratios 0.5,0.75,0.875 --merge $(SELECTIVE) --out results/ruler-2048/kvzap.csv

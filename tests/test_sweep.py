@@ -141,18 +141,13 @@ def test_two_accelerate_processes_give_the_same_results(smollm2, tmp_path):
     one = tmp_path / "one.csv"
     subprocess.run([sys.executable, "-m", "mergepress.sweep", *args, "--out", str(one)], check=True, env=env)
     two = tmp_path / "two.csv"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-    ]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mergepress.sweep"]
-    subprocess.run([*launch, *args, "--out", str(two)], check=True, env=env)
+    # accelerate's multi-process launcher (torchrun underneath); on a CPU-only machine the two
+    # processes form a gloo group. (`--cpu` alone would start a single process.)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mergepress.sweep"]
+    run = subprocess.run([*launch, *args, "--out", str(two)], check=True, env=env, capture_output=True, text=True)
+    # each rank labels its progress bar: both must have run, each on its own share of the samples
+    assert "sweep [0]" in run.stderr and "sweep [1]" in run.stderr, run.stderr[-2000:]
     columns = ["task", "index", "config", "value", "status", "compression_ratio", "predicted_answer", "score"]
     a, b = read_results(one)[columns], read_results(two)[columns]
     assert len(a) == 8 and not list(tmp_path.glob("two.part*"))

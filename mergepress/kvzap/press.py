@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from kvpress import KVzapPress as _KVzapPress
-from torch import nn
 from transformers import PreTrainedModel
 
 from mergepress.kvzap.surrogate import KVzapWeightsError, load_surrogate, model_fingerprint, shipped_weights
@@ -65,19 +63,12 @@ class KVzapPress(_KVzapPress):
             self.kvzap_model = kvzap_model
             self.kvzap_model_name = name
 
-    def score(
-        self,
-        module: nn.Module,
-        hidden_states: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        attentions: torch.Tensor,
-        kwargs: dict,
-    ) -> torch.Tensor:
-        """Predicted log KVzip+ scores: ``hidden_states (B, L, d_model)`` -> ``(B, H_kv, L)``."""
-        if getattr(self, "kvzap_model", None) is None:
-            raise RuntimeError(
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: kvpress's ``score`` reads ``self.kvzap_model``,
+        # which exists once ``post_init_from_model`` has run.
+        if name == "kvzap_model":
+            raise AttributeError(
                 "KVzapPress has no surrogate loaded: call press.post_init_from_model(model) first "
                 "(`with press(model):` and kvpress's pipeline do it)"
             )
-        return super().score(module, hidden_states, keys, values, attentions, kwargs)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

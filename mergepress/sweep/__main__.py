@@ -6,8 +6,9 @@ Example::
         --presses knorm,merging_knorm --ratios 0.25,0.5,0.75,0.875 --out results/knorm-2048.csv
 
 The suite is generated once (seeded) and saved under ``data/``, so every later run and every
-process reads exactly the same samples. Under ``accelerate launch --num_processes N`` the
-samples are sharded across processes and merged into one CSV at the end.
+process reads exactly the same samples. Under ``accelerate launch --multi_gpu --num_processes N``
+(or ``torchrun``) the samples are sharded across processes (GPUs, or CPU cores through a gloo
+group) and merged into one CSV at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,20 +88,35 @@ def load_suite(args: argparse.Namespace, tokenizer) -> tuple:
     return suite, path
 
 
+def _distributed() -> tuple[int, int, Callable[[], None] | None, str | None]:
+    """``(rank, world_size, barrier, device)`` from the environment torchrun / accelerate set up.
+
+    Read from ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` with a plain ``torch.distributed`` group
+    (gloo on CPU, nccl on GPU): accelerate's state reports a single process on CPU-only machines
+    even when two were launched, which would make every process run every sample.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, None, None
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = None
+    if torch.cuda.is_available():
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    else:  # share the cores: one process per core group
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configs = build_configs(args)
-    rank, world_size, barrier = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate (or torchrun)
-        from accelerate import PartialState
-
-        state = PartialState()
-        rank, world_size, barrier = state.process_index, state.num_processes, state.wait_for_everyone
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    rank, world_size, barrier, device = _distributed()
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    device = None
-    if world_size > 1 and torch.cuda.is_available():
-        device = f"cuda:{rank % torch.cuda.device_count()}"
     model, tokenizer = load_model(args.model, device=device, dtype=dtype)
 
     if rank == 0:
@@ -127,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         table.to_csv(summary_path, index=False)
         print(table.to_string(index=False))
         print(f"\nrows: {out}\nsummary: {summary_path}\ncommand: python -m mergepress.sweep {' '.join(sys.argv[1:])}")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

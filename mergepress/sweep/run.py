@@ -67,8 +67,9 @@ def run_sweep(
     """Evaluate every configuration on every sample of ``suite``; append rows to ``out``.
 
     Samples are visited round-robin over tasks; pairs already in ``out`` are skipped. With
-    ``world_size > 1`` this process takes every ``world_size``-th sample and writes a part file; after ``barrier()`` the main process folds the
-    parts into ``out``. ``settings`` (model, suite, generation options) guard ``out`` against
+    ``world_size > 1`` this process takes every ``world_size``-th sample and writes a part file;
+    after ``barrier()`` the main process folds the parts into ``out``, in the order one process
+    would have written them. ``settings`` (model, suite, generation options) guard ``out`` against
     rows from another experiment. ``max_new_tokens`` overrides the suite's per-task budgets.
     """
     check_model(model)
@@ -83,8 +84,8 @@ def run_sweep(
     done = store.done | ResultStore(out, settings, write_settings=False).done if part != out else store.done
     # Round-robin over tasks (sample 0 of every task, then sample 1, ...): a sweep stopped early
     # still covers every task with about the same number of samples.
-    samples = suite.iloc[suite.groupby("task", sort=False).cumcount().to_numpy().argsort(kind="stable")]
-    samples = samples.iloc[rank::world_size]
+    ordered = suite.iloc[suite.groupby("task", sort=False).cumcount().to_numpy().argsort(kind="stable")]
+    samples = ordered.iloc[rank::world_size]
     todo = [(s, [c for c in configs if _key(s, c) not in done]) for s in samples.itertuples()]
     todo = [(s, pending) for s, pending in todo if pending]
 
@@ -143,7 +144,7 @@ def run_sweep(
             barrier()
         if rank == 0:
             parts = [out.with_name(f"{out.stem}.part{r}-of-{world_size}.csv") for r in range(world_size)]
-            order = [_key(s, c) for s in suite.itertuples() for c in configs]
+            order = [_key(s, c) for s in ordered.itertuples() for c in configs]  # as one process writes
             merge_parts(out, [p for p in parts if p.exists()], order)
     return out
 
