@@ -86,6 +86,22 @@ def test_resume_skips_finished_pairs_and_repairs_a_killed_file(smollm2, suite, t
         run_sweep(model, tokenizer, suite, configs, out, {"test": "other"}, 4, progress=False)
 
 
+def test_part_files_of_a_killed_sharded_run_are_folded_in(smollm2, suite, tmp_path, monkeypatch):
+    model, tokenizer = smollm2
+    configs = [Config("knorm", 0.5)]
+    done = run_sweep(model, tokenizer, suite.iloc[:2], configs, tmp_path / "k.csv", SETTINGS, 4, progress=False)
+    out = tmp_path / "r.csv"
+    run_sweep(model, tokenizer, suite.iloc[:0], configs, out, SETTINGS, 4, progress=False)  # empty file + sidecar
+    done.rename(tmp_path / "r.part1-of-2.csv")  # as a killed 2-process run leaves it
+
+    def no_prefill(*args):
+        raise AssertionError("a row of the part file was computed again")
+
+    monkeypatch.setattr(run_module, "capture_prefill", no_prefill)
+    run_sweep(model, tokenizer, suite.iloc[:2], configs, out, SETTINGS, 4, progress=False)
+    assert len(read_results(out)) == 2 and not list(tmp_path.glob("r.part*"))
+
+
 def test_out_of_memory_is_recorded_and_the_sweep_continues(smollm2, suite, tmp_path, monkeypatch):
     model, tokenizer = smollm2
     real = run_module.capture_prefill

@@ -7,8 +7,8 @@ Example::
 
 The suite is generated once (seeded) and saved under ``data/``, so every later run and every
 process reads exactly the same samples. Under ``accelerate launch --multi_gpu --num_processes N``
-(or ``torchrun``) the samples are sharded across processes (GPUs, or CPU cores through a gloo
-group) and merged into one CSV at the end.
+the samples are sharded across processes (GPUs, or CPU cores through a gloo group) and merged
+into one CSV at the end.
 """
 
 from __future__ import annotations

@@ -75,16 +75,23 @@ def run_sweep(
     check_model(model)
     out = Path(out)
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    # Round-robin over tasks (sample 0 of every task, then sample 1, ...): a sweep stopped early
+    # still covers every task with about the same number of samples.
+    ordered = suite.iloc[suite.groupby("task", sort=False).cumcount().to_numpy().argsort(kind="stable")]
+    order = [_key(s, c) for s in ordered.itertuples() for c in configs]  # the order one process writes
     if rank == 0:
         ResultStore(out, settings)  # validates settings, creates the file and its sidecar
+        if world_size == 1:  # rows of a killed sharded run count as done: fold them in first
+            leftovers = sorted(out.parent.glob(f"{out.stem}.part*-of-*.csv"))
+            for p in leftovers:
+                ResultStore(p, settings, write_settings=False)  # cuts a partial last line
+            if leftovers:
+                merge_parts(out, leftovers, order)
     if barrier is not None:
         barrier()
     part = out if world_size == 1 else out.with_name(f"{out.stem}.part{rank}-of-{world_size}.csv")
     store = ResultStore(part, settings, write_settings=False)
     done = store.done | ResultStore(out, settings, write_settings=False).done if part != out else store.done
-    # Round-robin over tasks (sample 0 of every task, then sample 1, ...): a sweep stopped early
-    # still covers every task with about the same number of samples.
-    ordered = suite.iloc[suite.groupby("task", sort=False).cumcount().to_numpy().argsort(kind="stable")]
     samples = ordered.iloc[rank::world_size]
     todo = [(s, [c for c in configs if _key(s, c) not in done]) for s in samples.itertuples()]
     todo = [(s, pending) for s, pending in todo if pending]
@@ -144,7 +151,6 @@ def run_sweep(
             barrier()
         if rank == 0:
             parts = [out.with_name(f"{out.stem}.part{r}-of-{world_size}.csv") for r in range(world_size)]
-            order = [_key(s, c) for s in ordered.itertuples() for c in configs]  # as one process writes
             merge_parts(out, [p for p in parts if p.exists()], order)
     return out
 
