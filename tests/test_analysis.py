@@ -22,7 +22,9 @@ from mergepress.analysis import (  # noqa: E402
     task_outcomes,
     win_loss,
 )
-from mergepress.sweep.store import COLUMNS, ResultStore
+from mergepress.headline import comparisons, evict_partner, mean_table  # noqa: E402
+from mergepress.headline import main as headline_main  # noqa: E402
+from mergepress.sweep.store import COLUMNS, ResultStore  # noqa: E402
 
 KV = '{"merge_fraction": 0.75, "similarity_threshold": 0.5}'
 
@@ -225,3 +227,32 @@ def test_load_sweep_and_plot(tmp_path, sweep):
     series = {"evict": "knorm", "merge": "merging_knorm", "no press": "no_press"}
     fig = plot_ratio_curves(loaded, series, seed=None, path=figure)
     assert figure.exists() and len(fig.axes) == 2
+
+
+def test_headline_pairs_each_merging_series_with_its_evicting_partner(sweep):
+    assert evict_partner("merging_knorm") == "knorm"
+    assert evict_partner("upstream_merging_knorm") == "knorm"
+    assert evict_partner(series_name("merging_dms_kvzap_mlp", {"merge_fraction": 0.75})) == "dms_kvzap_mlp"
+    table = comparisons(sweep, n_boot=200)
+    assert set(table["merge series"]) == {"merging_knorm"}  # no_press has no partner and is not compared
+    at_05 = table[(table["value"] == 0.5) & (table["metric"] == "score")].iloc[0]
+    assert at_05["n_pairs"] == 6 and at_05["merge - evict"] == pytest.approx(20 / 6)  # +10 x 3 on vt, -10 on cwe 0
+    means = mean_table(sweep, "score")
+    assert means.loc["merging_knorm", 0.75] == pytest.approx(140 / 3)  # its own 3 samples, unmatched one included
+    assert means.loc["merging_knorm", 0.75] != means.loc["knorm", 0.75]
+    assert np.isnan(means.loc["no_press", 0.5])
+
+
+def test_headline_cli_writes_a_report_and_refuses_missing_files(tmp_path, sweep, capsys):
+    path = tmp_path / "knorm.csv"
+    store = ResultStore(path, {"model": "test"})
+    for row in sweep.drop(columns="series").to_dict("records"):
+        store.append(row)
+    out = tmp_path / "HEADLINE.md"
+    assert headline_main([str(path), "--n-boot", "100", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## knorm.csv" in text and "python -m mergepress.headline" in text
+    assert "| merging_knorm" in text and "interval covers 0" in text
+    with pytest.raises(SystemExit):
+        headline_main([str(tmp_path / "missing.csv")])
+    assert "no such sweep file" in capsys.readouterr().err

@@ -196,7 +196,7 @@ def _update_card(card: Path, table: pd.DataFrame, note: str, command: str) -> No
         [
             "Compression ratio of `DMSPress(KVzapPress(model_type=...), threshold=t)` (sliding window 128):",
             "",
-            _markdown(table[cols].astype(object).where(table[cols].notna(), "")),
+            table[cols].astype(object).where(table[cols].notna(), "").to_markdown(index=False, floatfmt=".4g"),
             "",
             note,
             "",
@@ -361,7 +361,7 @@ def compare(args: argparse.Namespace, command: str) -> None:
         f"output_rel_error: ||O_press - O_full|| / ||O_full|| of the attention output (after o_proj) of the "
         f"question tokens, per layer against the uncompressed cache, averaged over layers then samples. "
         f"ruler_score: RULER string match of the greedy answer (0-100). answer_nll: mean NLL of the reference answer. "
-        f"{time.time() - start:.0f} s.\n\n" + _markdown(summary)
+        f"{time.time() - start:.0f} s.\n\n" + summary.to_markdown(index=False, floatfmt=".4g")
     )
     out = _write(df, args.out, command, note)
     summary.to_csv(out.with_name(out.stem + ".summary.csv"), index=False)
@@ -370,9 +370,3 @@ def compare(args: argparse.Namespace, command: str) -> None:
     )
     print(summary.to_string(index=False))
     print(f"\nwrote {out} (+ .summary.csv, .layers.csv, .md)")
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    rows = [list(map(str, df.columns)), ["---"] * len(df.columns)]
-    rows += [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in df.itertuples(index=False)]
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)

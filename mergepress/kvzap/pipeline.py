@@ -133,13 +133,6 @@ def train(args: argparse.Namespace, command: str) -> None:
     print(f"total {total_s / 60:.1f} min (collection {collect_s / 60:.1f}, ridge {linear_s:.0f} s, MLP {mlp_s:.0f} s)")
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub Markdown table of ``df`` (no dependency on ``tabulate``)."""
-    rows = [list(map(str, df.columns)), ["---"] * len(df.columns)]
-    rows += [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r] for r in df.itertuples(index=False)]
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
-
-
 def _n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -229,7 +222,16 @@ def model_card(summary: dict, table: pd.DataFrame, out: Path, linear: torch.nn.M
             f"| {name} | {mean[name]['r2']:.3f} | {low[name]['r2']:.3f} | {mean[name]['spearman']:.3f} | "
             f"{low[name]['spearman']:.3f} | {mean[name]['pearson']:.3f} |"
         )
-    lines += ["", verdict, "", "<details><summary>Per layer</summary>", "", markdown_table(per_layer), "", "</details>"]
+    lines += [
+        "",
+        verdict,
+        "",
+        "<details><summary>Per layer</summary>",
+        "",
+        per_layer.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "</details>",
+    ]
     lines += [
         "",
         "## Thresholds",

@@ -102,8 +102,8 @@ def _sidecar(table: pd.DataFrame, df: pd.DataFrame, command: str, minutes: float
     ]
     if note:
         lines += ["", f"Note: {note}"]
-    lines += ["", "## Scores", "", _markdown(table)]
-    lines += ["", "## Sample lengths (% of target)", "", _markdown(length_table(df, header["length"]))]
+    lines += ["", "## Scores", "", table.to_markdown(index=False)]
+    lines += ["", "## Sample lengths (% of target)", "", length_table(df, header["length"]).to_markdown(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -112,12 +112,6 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    # pandas' to_markdown needs tabulate, which is not a dependency.
-    rows = [list(table.columns), ["---"] * len(table.columns), *table.astype(str).values.tolist()]
-    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,108 @@
+"""The headline numbers of the RULER sweeps, as one Markdown report built from the committed CSVs.
+
+    python -m mergepress.headline results/ruler-2048/*.csv --out results/ruler-2048/HEADLINE.md
+
+For each sweep file, per series and value (requested ratio, or DMS threshold): the samples answered,
+the mean RULER score and answer NLL, the achieved compression ratio and the seconds per sample; then
+every merge − evict comparison the file holds, as a paired bootstrap 95% interval on the samples both
+series answered (:func:`mergepress.analysis.merge_vs_evict`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from mergepress.analysis import load_sweep, merge_vs_evict, ok_rows
+
+MERGE_PREFIX = re.compile(r"^(upstream_)?merging_")
+
+
+def evict_partner(series: str) -> str:
+    """The evicting series a merging one is compared with: ``merging_knorm(merge_fraction=0.75)`` → ``knorm``."""
+    return MERGE_PREFIX.sub("", series.split("(")[0])
+
+
+def mean_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rows = series, columns = value: the mean of a column of ``df`` over the ok rows, or their count (``"n"``)."""
+    ok = ok_rows(df)
+    if metric == "n":
+        return ok.pivot_table(index="series", columns="value", values="score", aggfunc="size")
+    return ok.pivot_table(index="series", columns="value", values=metric, aggfunc="mean")
+
+
+def comparisons(df: pd.DataFrame, n_boot: int = 10000) -> pd.DataFrame:
+    """merge − evict for every merging series whose evicting partner is in ``df`` (all paired samples)."""
+    present = set(df["series"])
+    frames = {
+        merge: merge_vs_evict(df, merge, evict_partner(merge), n_boot=n_boot)
+        for merge in sorted(present)
+        if MERGE_PREFIX.match(merge) and evict_partner(merge) in present
+    }
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, names=["merge series"]).reset_index(level=0)
+
+
+def report(path: Path, n_boot: int = 10000) -> str:
+    """The Markdown section for one sweep file."""
+    df = load_sweep(path)
+    ok = ok_rows(df).assign(seconds=lambda d: d["prefill_s"] + d["press_s"] + d["decode_s"])
+    per_task = ok.groupby("task")["index"].nunique()
+    lines = [f"## {path.name}", ""]
+    lines += [
+        f"{len(df)} rows ({(df['status'] != 'ok').sum()} failed) on {ok.groupby(['task', 'index']).ngroups} samples"
+        f" over {len(per_task)} tasks ({per_task.min()}–{per_task.max()} per task). Each cell is the mean over the"
+        " samples that series answered at that value (`n`); a sweep stopped part-way can leave series with different"
+        " samples, so compare series with the paired table at the end.",
+        "",
+    ]
+    for metric, title, fmt in (
+        ("n", "Samples answered", ".0f"),
+        ("score", "Mean RULER score (0–100)", ".1f"),
+        ("answer_nll", "Mean answer NLL (nats per token, lower is better)", ".3f"),
+        ("compression_ratio", "Achieved compression ratio", ".3f"),
+        ("press_s", "Seconds per sample in the press (scoring, and merging where it merges)", ".3f"),
+        ("seconds", "Seconds per sample: shared prefill + press + answer (and its NLL)", ".2f"),
+    ):
+        table = mean_table(ok, metric).reset_index()
+        table = table.astype(object).where(table.notna(), None)  # tabulate writes `missingval` for None only
+        lines += [f"**{title}**", "", table.to_markdown(index=False, floatfmt=fmt, missingval="–"), ""]
+    cmp = comparisons(df, n_boot)
+    if len(cmp):
+        cols = ["merge series", "value", "metric", "n_pairs", "merge", "evict", "merge - evict", "ci_low", "ci_high"]
+        lines += ["**merge − evict on every paired sample, 95% paired bootstrap interval**", ""]
+        lines += [cmp[cols + ["verdict"]].to_markdown(index=False, floatfmt=".3f"), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m mergepress.headline", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="sweep CSVs (mergepress.sweep --out)")
+    parser.add_argument("--out", type=Path, help="write the report here (default: print it)")
+    parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples per interval")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.is_file()]
+    if missing:
+        parser.error(f"no such sweep file: {', '.join(missing)}")
+    text = "\n".join(
+        [f"# RULER sweeps: headline numbers\n\nMade by `python -m mergepress.headline {shlex.join(argv)}`.\n"]
+        + [report(p, args.n_boot) for p in args.paths]
+    )
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
