@@ -47,6 +47,9 @@ reproduce: setup
 	$(SWEEP) --presses adakv_snapkv,merging_adakv_snapkv --out results/ruler-2048/adakv.csv
 	$(SWEEP) --presses expected_attention,merging_expected_attention,adakv_expected_attention \
 		--out results/ruler-2048/expected_attention.csv
+	$(PY) -m mergepress.headline results/ruler-2048/knorm.csv results/ruler-2048/adakv.csv \
+		results/ruler-2048/expected_attention.csv results/ruler-2048/kvzap.csv results/ruler-2048/dms.csv \
+		--out results/ruler-2048/HEADLINE.md
 
 test: setup
 	$(PY) -m pytest -q tests
