@@ -98,7 +98,8 @@ def test_part_files_of_a_killed_sharded_run_are_folded_in(smollm2, suite, tmp_pa
         raise AssertionError("a row of the part file was computed again")
 
     monkeypatch.setattr(run_module, "capture_prefill", no_prefill)
-    run_sweep(model, tokenizer, suite.iloc[:2], configs, out, SETTINGS, 4, progress=False)
+    # a time budget of 0 folds the parts in and starts no sample, though the third is not done
+    run_sweep(model, tokenizer, suite, configs, out, SETTINGS, 4, progress=False, max_seconds=0)
     assert len(read_results(out)) == 2 and not list(tmp_path.glob("r.part*"))
 
 
@@ -141,6 +142,8 @@ def test_bad_input():
         build_press("knorm", 0.5, {"merge_fraction": 0.5})
     with pytest.raises(SystemExit, match="unknown configuration"):
         cli(["--presses", "knrom", "--out", "/tmp/never.csv"])
+    with pytest.raises(SystemExit):
+        cli(["--max-minutes", "-1", "--out", "/tmp/never.csv"])
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="kvpress does not support GPT2LMHeadModel; supported models: Llama"):
         check_model(gpt2)

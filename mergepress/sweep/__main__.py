@@ -51,9 +51,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--merge", default="", help="merge parameters for merging_* presses, JSON, e.g. '{\"merge_fraction\": 0.75}'"
     )
     p.add_argument("--max-new-tokens", type=int, help="override the tasks' generation budgets")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop taking new samples after this many minutes, then save and exit (rerun to resume); "
+        "0 only folds in the part files of a killed sharded run",
+    )
     p.add_argument("--out", required=True, help="results CSV (appended to; its folder is created)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_minutes is not None and args.max_minutes < 0:
+        p.error(f"--max-minutes must be 0 or more, got {args.max_minutes}")
+    return args
 
 
 def build_configs(args: argparse.Namespace) -> list[Config]:
@@ -136,7 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         "kvpress": importlib.metadata.version("kvpress"),
     }
     out = run_sweep(
-        model, tokenizer, suite, configs, args.out, settings, args.max_new_tokens, rank, world_size, barrier
+        model,
+        tokenizer,
+        suite,
+        configs,
+        args.out,
+        settings,
+        args.max_new_tokens,
+        rank,
+        world_size,
+        barrier,
+        max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
     )
     if rank == 0:
         table = summarize(out)

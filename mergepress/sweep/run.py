@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def run_sweep(
     world_size: int = 1,
     barrier=None,
     progress: bool = True,
+    max_seconds: float | None = None,
 ) -> Path:
     """Evaluate every configuration on every sample of ``suite``; append rows to ``out``.
 
@@ -71,7 +73,10 @@ def run_sweep(
     after ``barrier()`` the main process folds the parts into ``out``, in the order one process
     would have written them. ``settings`` (model, suite, generation options) guard ``out`` against
     rows from another experiment. ``max_new_tokens`` overrides the suite's per-task budgets.
+    ``max_seconds`` stops taking new samples once that much time has passed (0: only fold in the
+    part files of a killed sharded run); the run then ends as usual, and a rerun resumes it.
     """
+    start = time.monotonic()
     check_model(model)
     out = Path(out)
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
@@ -99,6 +104,9 @@ def run_sweep(
     total = sum(len(pending) for _, pending in todo)
     bar = tqdm(total=total, desc=f"sweep{'' if world_size == 1 else f' [{rank}]'}", disable=not progress)
     for sample, pending in todo:
+        if max_seconds is not None and time.monotonic() - start >= max_seconds:
+            bar.write(f"time budget of {max_seconds / 60:.1f} min spent: stopping; rerun to resume")
+            break
         budget = max_new_tokens or int(sample.max_new_tokens)
         answers = list(sample.answer)
         try:
