@@ -49,7 +49,7 @@ reproduce: setup
 		--out results/ruler-2048/expected_attention.csv
 	$(PY) -m mergepress.headline results/ruler-2048/knorm.csv results/ruler-2048/adakv.csv \
 		results/ruler-2048/expected_attention.csv results/ruler-2048/kvzap.csv results/ruler-2048/dms.csv \
-		--out results/ruler-2048/HEADLINE.md
+		--out results/ruler-2048/HEADLINE.md --figure figures/ruler_headline.png
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -49,8 +49,8 @@ def comparisons(df: pd.DataFrame, n_boot: int = 10000) -> pd.DataFrame:
     return pd.concat(frames, names=["merge series"]).reset_index(level=0)
 
 
-def report(path: Path, n_boot: int = 10000) -> str:
-    """The Markdown section for one sweep file."""
+def report(path: Path, n_boot: int = 10000) -> tuple[str, pd.DataFrame]:
+    """The Markdown section for one sweep file, and its merge − evict table (:func:`comparisons`)."""
     df = load_sweep(path)
     ok = ok_rows(df).assign(seconds=lambda d: d["prefill_s"] + d["press_s"] + d["decode_s"])
     per_task = ok.groupby("task")["index"].nunique()
@@ -78,7 +78,39 @@ def report(path: Path, n_boot: int = 10000) -> str:
         cols = ["merge series", "value", "metric", "n_pairs", "merge", "evict", "merge - evict", "ci_low", "ci_high"]
         lines += ["**merge − evict on every paired sample, 95% paired bootstrap interval**", ""]
         lines += [cmp[cols + ["verdict"]].to_markdown(index=False, floatfmt=".3f"), ""]
-    return "\n".join(lines)
+    return "\n".join(lines), cmp
+
+
+def plot_headline(cmp: pd.DataFrame, path: Path | None = None):
+    """merge − evict and its 95% interval against the achieved ratio, one line per merging series.
+
+    ``cmp`` is :func:`comparisons` output (several files concatenated); kvpress's own MergingPress
+    (``upstream_merging_*``) is left out, as its answers match ours. Two panels: score and answer NLL.
+    """
+    import matplotlib.pyplot as plt  # imported here: the report itself needs no plotting backend
+
+    cmp = cmp[~cmp["merge series"].str.startswith("upstream_")]
+    names = list(dict.fromkeys(cmp["merge series"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = (
+        ("score", "RULER score: merge − evict (> 0: merge better)"),
+        ("answer_nll", "answer NLL: merge − evict (< 0: merge better)"),
+    )
+    for ax, (metric, label) in zip(axes, panels):
+        for k, name in enumerate(names):
+            g = cmp[(cmp["merge series"] == name) & (cmp["metric"] == metric)].sort_values("ratio evict")
+            x = g["ratio evict"] + 0.004 * (k - (len(names) - 1) / 2)  # dodge overlapping intervals
+            err = [g["merge - evict"] - g["ci_low"], g["ci_high"] - g["merge - evict"]]
+            ax.errorbar(x, g["merge - evict"], yerr=err, marker="o", ms=4, capsize=3, label=name)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("achieved compression ratio")
+        ax.set_title(label, fontsize=10)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,14 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="sweep CSVs (mergepress.sweep --out)")
     parser.add_argument("--out", type=Path, help="write the report here (default: print it)")
     parser.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples per interval")
+    parser.add_argument("--figure", type=Path, help="also draw every merge − evict interval into this PNG")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.is_file()]
     if missing:
         parser.error(f"no such sweep file: {', '.join(missing)}")
+    sections, tables = zip(*(report(p, args.n_boot) for p in args.paths))
     text = "\n".join(
         [f"# RULER sweeps: headline numbers\n\nMade by `python -m mergepress.headline {shlex.join(argv)}`.\n"]
-        + [report(p, args.n_boot) for p in args.paths]
+        + list(sections)
     )
+    if args.figure:
+        plot_headline(pd.concat(tables, ignore_index=True), args.figure)
+        print(f"wrote {args.figure}")
     if args.out:
         args.out.write_text(text)
         print(f"wrote {args.out}")

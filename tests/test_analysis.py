@@ -249,7 +249,9 @@ def test_headline_cli_writes_a_report_and_refuses_missing_files(tmp_path, sweep,
     for row in sweep.drop(columns="series").to_dict("records"):
         store.append(row)
     out = tmp_path / "HEADLINE.md"
-    assert headline_main([str(path), "--n-boot", "100", "--out", str(out)]) == 0
+    figure = tmp_path / "figures" / "headline.png"
+    assert headline_main([str(path), "--n-boot", "100", "--out", str(out), "--figure", str(figure)]) == 0
+    assert figure.stat().st_size > 0
     text = out.read_text()
     assert "## knorm.csv" in text and "python -m mergepress.headline" in text
     assert "| merging_knorm" in text and "interval covers 0" in text
