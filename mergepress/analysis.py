@@ -55,6 +55,23 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "ok"] if "status" in df else df
 
 
+def shared_samples(df: pd.DataFrame, series: Iterable[str]) -> pd.DataFrame:
+    """The ok rows of ``series``, kept only for the samples every one of them answered at all its values.
+
+    A sweep stopped part-way (or a series added later) leaves series on different samples; their
+    means are only comparable on the samples they share. A series with no ok rows constrains nothing.
+    """
+    ok = ok_rows(df)
+    ok = ok[ok["series"].isin(list(series))]
+    shared = None
+    for _, rows in ok.groupby("series"):
+        counts = rows.groupby(["task", "index"])["value"].nunique()
+        done = set(counts[counts == rows["value"].nunique()].index)
+        shared = done if shared is None else shared & done
+    keep = [(t, i) in (shared or set()) for t, i in zip(ok["task"], ok["index"])]
+    return ok[keep]
+
+
 def pair_series(
     df: pd.DataFrame, a: str, b: str, metrics: Sequence[str] = METRICS, match_value: bool = True
 ) -> pd.DataFrame:
@@ -287,8 +304,12 @@ def plot_ratio_curves(
     x: str = "value",
     path: str | Path | None = None,
     title: str = "",
+    shared: bool = True,
 ):
     """Score against compression for each series: ours, the seed's, and our answer NLL; three panels.
+
+    With ``shared`` (the default) our series are drawn on the samples they all answered
+    (:func:`shared_samples`), so their curves compare like with like; the count goes in the title.
 
     ``series`` maps a legend label to a series name (``no_press`` is drawn as a horizontal line).
     ``x="value"`` puts the requested ratio (or DMS threshold) on the horizontal axis,
@@ -298,7 +319,9 @@ def plot_ratio_curves(
     """
     import matplotlib.pyplot as plt
 
-    ok = ok_rows(ours)
+    ok = shared_samples(ours, series.values()) if shared else ok_rows(ours)
+    if shared:
+        title = f"{title} ({ok.groupby(['task', 'index']).ngroups} samples answered by every series)".strip()
     fig, axes = plt.subplots(1, 3 if seed is not None else 2, figsize=(15 if seed is not None else 10, 4))
     score_ax, nll_ax = axes[0], axes[-1]
     colors = dict(zip(series, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))

@@ -19,6 +19,7 @@ from mergepress.analysis import (  # noqa: E402
     plot_ratio_curves,
     seed_layout,
     series_name,
+    shared_samples,
     task_outcomes,
     win_loss,
 )
@@ -258,3 +259,13 @@ def test_headline_cli_writes_a_report_and_refuses_missing_files(tmp_path, sweep,
     with pytest.raises(SystemExit):
         headline_main([str(tmp_path / "missing.csv")])
     assert "no such sweep file" in capsys.readouterr().err
+
+
+def test_shared_samples_keeps_what_every_series_answered_at_all_its_values(sweep):
+    shared = shared_samples(sweep, ["knorm", "merging_knorm", "no_press"])
+    # knorm ran ratio 0.75 on vt 0 and 1 only; merging_knorm's extra vt 5 has no 0.5 row
+    assert set(zip(shared["task"], shared["index"])) == {("vt", 0), ("vt", 1)}
+    assert set(shared["series"]) == {"knorm", "merging_knorm", "no_press"}
+    assert len(shared_samples(sweep, ["no_press"])) == 6
+    # a series with no rows (not run yet) constrains nothing
+    assert shared_samples(sweep, ["knorm", "missing_series"]).equals(shared_samples(sweep, ["knorm"]))
