@@ -49,6 +49,27 @@ def comparisons(df: pd.DataFrame, n_boot: int = 10000) -> pd.DataFrame:
     return pd.concat(frames, names=["merge series"]).reset_index(level=0)
 
 
+def summary_table(cmp: pd.DataFrame) -> pd.DataFrame:
+    """One row per merging series and value: pairs, achieved ratio, evict and merge mean score on those
+    pairs, and merge − evict with its 95% interval for the score and the answer NLL."""
+    rows = []
+    for (name, value), g in cmp.groupby(["merge series", "value"], sort=False):
+        score, nll = (g[g["metric"] == m].iloc[0] for m in ("score", "answer_nll"))
+        rows.append(
+            {
+                "merge series": name,
+                "value": value,
+                "ratio": score["ratio evict"],
+                "pairs": score["n_pairs"],
+                "evict score": score["evict"],
+                "merge score": score["merge"],
+                "Δ score [95% CI]": f"{score['merge - evict']:+.1f} [{score['ci_low']:+.1f}, {score['ci_high']:+.1f}]",
+                "Δ NLL [95% CI]": f"{nll['merge - evict']:+.3f} [{nll['ci_low']:+.3f}, {nll['ci_high']:+.3f}]",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def report(path: Path, n_boot: int = 10000) -> tuple[str, pd.DataFrame]:
     """The Markdown section for one sweep file, and its merge − evict table (:func:`comparisons`)."""
     df = load_sweep(path)
@@ -126,8 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no such sweep file: {', '.join(missing)}")
     sections, tables = zip(*(report(p, args.n_boot) for p in args.paths))
+    summary = summary_table(pd.concat(tables, ignore_index=True))
     text = "\n".join(
-        [f"# RULER sweeps: headline numbers\n\nMade by `python -m mergepress.headline {shlex.join(argv)}`.\n"]
+        [
+            f"# RULER sweeps: headline numbers\n\nMade by `python -m mergepress.headline {shlex.join(argv)}`.\n",
+            "## Summary: merge − evict on paired samples\n",
+            "Scores are means over the pairs (0–100); Δ = merge − evict with its 95% paired bootstrap interval;"
+            " for NLL a negative Δ favours merging. `value` is the requested ratio, or the DMS threshold.\n",
+            summary.to_markdown(index=False, floatfmt=("", "g", ".3f", "g", ".1f", ".1f", "", "")) + "\n",
+        ]
         + list(sections)
     )
     if args.figure:

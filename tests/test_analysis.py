@@ -254,7 +254,7 @@ def test_headline_cli_writes_a_report_and_refuses_missing_files(tmp_path, sweep,
     assert headline_main([str(path), "--n-boot", "100", "--out", str(out), "--figure", str(figure)]) == 0
     assert figure.stat().st_size > 0
     text = out.read_text()
-    assert "## knorm.csv" in text and "python -m mergepress.headline" in text
+    assert "## knorm.csv" in text and "python -m mergepress.headline" in text and "## Summary" in text
     assert "| merging_knorm" in text and "interval covers 0" in text
     with pytest.raises(SystemExit):
         headline_main([str(tmp_path / "missing.csv")])
