@@ -1,6 +1,6 @@
 """The headline numbers of the RULER sweeps, as one Markdown report built from the committed CSVs.
 
-    python -m mergepress.headline results/ruler-2048/*.csv --out results/ruler-2048/HEADLINE.md
+    python -m mergepress.headline results/ruler-2048/{knorm,kvzap,dms}.csv --out results/ruler-2048/HEADLINE.md
 
 For each sweep file, per series and value (requested ratio, or DMS threshold): the samples answered,
 the mean RULER score and answer NLL, the achieved compression ratio and the seconds per sample; then
