@@ -11,7 +11,6 @@ series answered (:func:`mergepress.analysis.merge_vs_evict`).
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import pandas as pd
 
 from mergepress.analysis import load_sweep, merge_vs_evict, ok_rows
-
-MERGE_PREFIX = re.compile(r"^(upstream_)?merging_")
+from mergepress.sweep.registry import base_name
 
 
 def evict_partner(series: str) -> str:
     """The evicting series a merging one is compared with: ``merging_knorm(merge_fraction=0.75)`` → ``knorm``."""
-    return MERGE_PREFIX.sub("", series.split("(")[0])
+    return base_name(series.split("(")[0])
 
 
 def mean_table(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -42,7 +40,7 @@ def comparisons(df: pd.DataFrame, n_boot: int = 10000) -> pd.DataFrame:
     frames = {
         merge: merge_vs_evict(df, merge, evict_partner(merge), n_boot=n_boot)
         for merge in sorted(present)
-        if MERGE_PREFIX.match(merge) and evict_partner(merge) in present
+        if evict_partner(merge) != merge.split("(")[0] and evict_partner(merge) in present
     }
     if not frames:
         return pd.DataFrame()
@@ -147,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no such sweep file: {', '.join(missing)}")
     sections, tables = zip(*(report(p, args.n_boot) for p in args.paths))
-    summary = summary_table(pd.concat(tables, ignore_index=True))
+    cmp = pd.concat(tables, ignore_index=True)
+    summary = summary_table(cmp)
     text = "\n".join(
         [
             f"# RULER sweeps: headline numbers\n\nMade by `python -m mergepress.headline {shlex.join(argv)}`.\n",
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         + list(sections)
     )
     if args.figure:
-        plot_headline(pd.concat(tables, ignore_index=True), args.figure)
+        plot_headline(cmp, args.figure)
         print(f"wrote {args.figure}")
     if args.out:
         args.out.write_text(text)

@@ -45,7 +45,7 @@ def registry() -> list[str]:
 
 def uses_threshold(name: str) -> bool:
     """True for DMS configurations, whose number is a score threshold, not a ratio."""
-    return BASE[_base_name(name)][1] == "threshold" if name != "no_press" else False
+    return BASE[base_name(name)][1] == "threshold" if name != "no_press" else False
 
 
 def build_press(name: str, value: float, merge_params: dict | None = None) -> BasePress | None:
@@ -61,7 +61,7 @@ def build_press(name: str, value: float, merge_params: dict | None = None) -> Ba
         raise ValueError(f"merge parameters apply to merging_* configurations only, not {name!r}")
     if name == "no_press":
         return None
-    factory, _ = BASE[_base_name(name)]
+    factory, _ = BASE[base_name(name)]
     inner = factory(value)
     if name.startswith("merging_"):
         return MergingPress(inner, **merge_params)
@@ -70,7 +70,8 @@ def build_press(name: str, value: float, merge_params: dict | None = None) -> Ba
     return inner
 
 
-def _base_name(name: str) -> str:
+def base_name(name: str) -> str:
+    """The evicting press a configuration wraps: ``merging_knorm`` and ``upstream_merging_knorm`` -> ``knorm``."""
     for prefix in ("upstream_merging_", "merging_"):
         if name.startswith(prefix):
             return name[len(prefix) :]
